@@ -151,11 +151,12 @@ def test_importance_uses_max_pool_not_mean():
     np.testing.assert_allclose(got[0, 0, 0], e / e.sum(), rtol=1e-6)
 
 
-def test_redundancy_matches_numpy(data):
+@pytest.mark.parametrize("method", ["factored", "matrix"])
+def test_redundancy_matches_numpy(data, method):
     _, k, _, _, kv = data
     k = k.copy()
     k[0, 0, 3, 1] = 0.0  # a zero key must not produce NaN
-    got = np.asarray(C.redundancy(jnp.asarray(k), jnp.asarray(kv)))
+    got = np.asarray(C.redundancy(jnp.asarray(k), jnp.asarray(kv), method=method))
     assert got.shape == (L, B, K, S) and got.dtype == np.float32
     np.testing.assert_allclose(got, ref_redundancy(k, kv), atol=1e-6, rtol=1e-5)
     assert np.all(got.transpose(1, 3, 0, 2)[~kv] == 0)
@@ -164,8 +165,8 @@ def test_redundancy_matches_numpy(data):
 @pytest.mark.parametrize("chunk", [1, 3, 7, 9])
 def test_redundancy_chunked_equals_dense(data, chunk):
     _, k, _, _, kv = data
-    dense = np.asarray(C.redundancy(jnp.asarray(k), jnp.asarray(kv)))
-    chunked = np.asarray(C.redundancy(jnp.asarray(k), jnp.asarray(kv), chunk_size=chunk))
+    dense = np.asarray(C.redundancy(jnp.asarray(k), jnp.asarray(kv), method="matrix"))
+    chunked = np.asarray(C.redundancy(jnp.asarray(k), jnp.asarray(kv), chunk_size=chunk, method="matrix"))
     np.testing.assert_allclose(chunked, dense, atol=1e-6, rtol=1e-6)
 
 
@@ -321,7 +322,9 @@ def test_bad_arguments_raise(data):
     with pytest.raises(ValueError, match="v:"):
         C.compress_teacher_kv(k, v[:, :1], q, qv, kv, m=2)
     with pytest.raises(ValueError, match="chunk_size"):
-        C.redundancy(k, kv, chunk_size=0)
+        C.redundancy(k, kv, chunk_size=0, method="matrix")
+    with pytest.raises(ValueError, match="method"):
+        C.redundancy(k, kv, method="sparse")
 
 
 def test_jit_does_not_retrace(data):

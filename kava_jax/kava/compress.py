@@ -181,22 +181,37 @@ def _row_sim_sums_chunked(kn: jax.Array, valid_f: jax.Array, chunk: int) -> jax.
     return out[..., :s]
 
 
-def redundancy(keys: jax.Array, key_valid: jax.Array, *, chunk_size: int | None = None) -> jax.Array:
+def _row_sim_sums_factored(kn: jax.Array, valid_f: jax.Array) -> jax.Array:
+    """sum_j valid_j k̂_i·k̂_j = k̂_i · (sum_j valid_j k̂_j): exact, O(S·H) per head, no [S, S] matrix."""
+    total = jnp.einsum("lbjkh,bj->lbkh", kn, valid_f)
+    return jnp.einsum("lbikh,lbkh->lbki", kn, total)
+
+
+def redundancy(keys: jax.Array, key_valid: jax.Array, *, chunk_size: int | None = None,
+               method: str = "factored") -> jax.Array:
     """Redundancy score of each CoT key against the other valid keys of its (layer, KV head).
 
     Args:
       keys: [L, B, S, K, H] CoT keys.
       key_valid: [B, S] bool.
-      chunk_size: static int or None. When set, the [S, S] cosine-similarity matrix is built in
-        blocks of ``chunk_size`` rows with ``lax.map`` (memory O(chunk·S) per head instead of O(S²));
-        the result equals the dense one up to float rounding.
+      chunk_size: static int or None. With ``method="matrix"``, the [S, S] cosine-similarity matrix
+        is built in blocks of ``chunk_size`` rows with ``lax.map`` (memory O(chunk·S) per head instead
+        of O(S²)); the result equals the dense one up to float rounding.
+      method: "factored" (default): since the mean over j is linear, mean_j k̂_i·k̂_j = k̂_i·mean_j k̂_j,
+        which is exact and costs O(S·H) per head, so long CoTs need no chunking. "matrix": builds the
+        explicit similarity matrix (dense, or chunked with ``chunk_size``) — the literal formula, kept
+        as a reference and for benchmarks.
     Returns:
       [L, B, K, S] float32 ``softmax_i(-mean_j k̂_i·k̂_j)`` over valid i and j; 0 at invalid positions.
     """
     _check_keys(keys, key_valid)
     kn = _unit(keys)
     valid_f = key_valid.astype(jnp.float32)
-    if chunk_size is None:
+    if method not in ("factored", "matrix"):
+        raise ValueError(f"method: expected 'factored' or 'matrix', got {method!r}")
+    if method == "factored":
+        sums = _row_sim_sums_factored(kn, valid_f)
+    elif chunk_size is None:
         sums = _row_sim_sums_dense(kn, valid_f)
     else:
         sums = _row_sim_sums_chunked(kn, valid_f, _check_static_int("chunk_size", chunk_size, 1))
@@ -335,7 +350,8 @@ def compress_teacher_kv(
       mode: "rkv", "attention" (I only), "cosine" (R only) or "crop" (first m valid positions).
       pre_rope: un-rotate the keys (needs ``key_positions`` [B, S] and ``inv_freq`` [H/2]) before the
         redundancy score and the gather; importance always uses ``k`` as given (post-RoPE).
-      chunk_size: optional row-chunk size for the redundancy similarity matrix.
+      chunk_size: None (default) computes redundancy in the exact factored O(S·H) form; an int builds
+        the explicit similarity matrix in row chunks of that size (the literal formula).
     Returns:
       CompressedKV(k, v [L,B,M,K,H], idx, slot_valid [L,B,K,M], scores [L,B,K,S] f32), all
       stop-gradient. For "crop" the scores are ``S - position`` at valid positions (0 elsewhere).
@@ -364,18 +380,19 @@ def compress_teacher_kv(
             raise ValueError("pre_rope=True needs key_positions [B, S] and inv_freq [H/2]")
         k_sel = unrotate_keys(k, key_positions, inv_freq)
 
+    red_method = "factored" if chunk_size is None else "matrix"
     l, b, s, kh, _ = k.shape
     if mode == "crop":
         pos = jnp.arange(s, dtype=jnp.float32)
         crop = jnp.where(key_valid, float(s) - pos, 0.0)  # [B, S]
         scores = jnp.broadcast_to(crop[None, :, None, :], (l, b, kh, s))
     elif mode == "cosine":
-        scores = redundancy(k_sel, key_valid, chunk_size=chunk_size)
+        scores = redundancy(k_sel, key_valid, chunk_size=chunk_size, method=red_method)
     elif mode == "attention":
         scores = importance(queries, k, query_valid, key_valid)
     else:
         imp = importance(queries, k, query_valid, key_valid)
-        red = redundancy(k_sel, key_valid, chunk_size=chunk_size)
+        red = redundancy(k_sel, key_valid, chunk_size=chunk_size, method=red_method)
         scores = lam * imp + (1.0 - lam) * red
 
     idx, slot_valid = select(scores, key_valid, m)
