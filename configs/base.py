@@ -7,6 +7,8 @@ start from `get_config()` here and override. `arg` is a comma-separated list of 
 
 import ml_collections
 
+from kava_jax.sweep import make_overridable
+
 
 def get_config(arg=None):
     c = ml_collections.ConfigDict()
@@ -116,4 +118,4 @@ def get_config(arg=None):
                 c.data.synthetic.n_test = 16
             elif flag:
                 raise ValueError(f"configs/base.py: unknown arg flag {flag!r} (known: runlocal)")
-    return c
+    return make_overridable(c)  # None-valued fields stay overridable from the command line
