@@ -35,7 +35,7 @@ from etils import epath
 
 log = logging.getLogger(__name__)
 
-__all__ = ["Checkpointer", "CheckpointMismatchError"]
+__all__ = ["Checkpointer", "CheckpointMismatchError", "load_trainable"]
 
 
 class CheckpointMismatchError(ValueError):
@@ -228,3 +228,45 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def load_trainable(directory: str | epath.PathLike, step: int | None = None,
+                   sharding: jax.sharding.Sharding | None = None) -> tuple[dict, int]:
+    """(trainable tree, step) from a run's checkpoint directory, without its optimizer state.
+
+    step: the step to read (default: the newest readable one; damaged newer steps are skipped with a
+    warning, as in `restore_latest`, but not moved). sharding: where the arrays go (default: the first
+    local device). Shapes and dtypes come from the checkpoint's own metadata.
+    """
+    directory = epath.Path(directory)
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint in {directory}")
+    if step is not None and int(step) not in steps:
+        raise FileNotFoundError(f"no step {step} in {directory} (steps: {steps})")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    failures = []
+    for s in ([int(step)] if step is not None else list(reversed(steps))):
+        try:
+            tree = manager.item_metadata(s)["state"]
+            tree = getattr(tree, "tree", tree)
+            if "trainable" not in tree:
+                raise CheckpointMismatchError(f"{directory / str(s)} holds no 'trainable' entry")
+            target = {"trainable": jax.tree.map(
+                lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=sharding), tree["trainable"])}
+            restore_args = jax.tree.map(
+                lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype), target)
+            out = manager.restore(s, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+                target, restore_args=restore_args, partial_restore=True)))
+            manager.close()
+            return dict(out["state"]["trainable"]), s
+        except CheckpointMismatchError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- a damaged step; try the previous one
+            log.warning("checkpoint %s is unreadable (%s: %s); trying the previous one", directory / str(s),
+                        type(e).__name__, str(e)[:300])
+            failures.append(f"{directory / str(s)}: {type(e).__name__}")
+    manager.close()
+    raise RuntimeError(f"no readable checkpoint in {directory}: " + " | ".join(failures))
