@@ -15,7 +15,11 @@
    the compiled step runs. Every train.log_every steps (and at the last step) the step's metrics go
    to <workdir>/metrics.jsonl and TensorBoard (<workdir>/tb), and the progress bar shows loss,
    examples/s, tokens/s (valid teacher tokens) and the ETA. A checkpoint is written every
-   train.checkpoint_every steps and at the end.
+   train.checkpoint_every steps and at the end. With train.eval_every set (single-process runs), the
+   model is also decoded greedily on config.eval.datasets (config.eval.limit items each; "synthetic"
+   = the run's own test split) every eval_every steps and at the end; accuracy and forward passes go
+   to the same metrics file as "eval/<set>/<metric>" rows. With eval_every None the loop does not
+   evaluate (run kava-eval on the workdir).
 5. SIGTERM (e.g. TPU preemption): the loop finishes the current step, saves a checkpoint and returns
    normally (the CLI exits 0); rerunning the command resumes.
 Only process 0 writes logs, metrics, config.json and the progress bar; every process takes part in
@@ -145,6 +149,49 @@ def _final_from_metrics(workdir: epath.Path) -> dict:
     return dict(rows[-1]) if rows else {}
 
 
+def _make_evaluator(config, run, data_dir: str | None):
+    """fn(state, frozen) -> {"eval/<set>/<metric>": value} for the in-loop evals (train.eval_every), or
+    None when they are off. Greedy decoding (kava_jax.eval.evaluate) of config.eval.datasets, each cut to
+    config.eval.limit items; "synthetic" is the run's own synthetic test split. Method: cot for the cot
+    objective, nocot for nocot, latent otherwise. Single-process runs only (kava-eval covers pods)."""
+    if config.train.eval_every is None:
+        return None
+    if jax.process_count() > 1:
+        log.warning("train.eval_every: in-loop evaluation runs on single-process jobs only; run kava-eval on the "
+                    "workdir instead")
+        return None
+    from kava_jax.data.evalsets import load_eval_set
+    from kava_jax.eval.evaluate import evaluate
+    from kava_jax.kava.objective import model_params
+
+    sets = {}
+    for name in config.eval.datasets:
+        if name == "synthetic" and data_dir is None:
+            log.warning("eval: skipping 'synthetic' (the training data is not synthetic)")
+            continue
+        sets[name] = load_eval_set(name, data_dir if name == "synthetic" else None, limit=config.eval.limit)
+    obj = run.objective
+    method = {"cot": "cot", "nocot": "nocot"}.get(obj.objective, "latent")
+    merge = jax.jit(lambda t, f: model_params(t, f, obj))
+
+    def evaluator(state, frozen) -> dict[str, float]:
+        params = merge(state.trainable, frozen)
+        out = {}
+        for name, items in sets.items():
+            res = evaluate(method, params, run.model_config, state.trainable.get("prj", {}), run.tokenizer,
+                           run.specials, items, q_len=run.layout.q_len,
+                           latent_mode="sequential" if obj.objective == "codi" else obj.latent_mode,
+                           num_latents=obj.num_latents, num_iterations=obj.num_iterations,
+                           prompt_ids=run.layout.prompt_ids, truncate=run.layout.truncate,
+                           batch_size=int(config.eval.batch_size), max_answer_tokens=int(config.eval.max_answer_tokens),
+                           max_cot_tokens=int(config.eval.max_cot_tokens), progress=False)
+            out.update({f"eval/{name}/accuracy": res.accuracy, f"eval/{name}/forward_passes": res.mean_forward_passes,
+                        f"eval/{name}/items": res.num_items})
+        return out
+
+    return evaluator
+
+
 def train(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str, Any]:
     """Trains (or resumes) the run of `config` in `workdir`; returns the last logged metrics
     (loss terms, grad_norm, lr, step, examples_per_s, ...) plus "preempted" and "compile_seconds"."""
@@ -219,6 +266,13 @@ def train(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str,
         ckpt.close()
         return {**_final_from_metrics(wd), "preempted": False, "compile_seconds": compile_seconds}
 
+    data_dir = str(wd / "data") if config.data.source == "synthetic" else None
+    if data_dir is not None and not (wd / "data").exists():  # gs:// workdir: the local copy
+        from kava_jax.train.setup import prepare_synthetic_data
+
+        data_dir = str(prepare_synthetic_data(config, str(workdir)))
+    evaluator = _make_evaluator(config, run, data_dir)
+    eval_every = int(config.train.eval_every or 0)
     writer = _Writer(wd, start, is_main)
     stop = _Preemption()
     stop.install()
@@ -252,6 +306,14 @@ def train(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str,
                 if not np.isfinite(vals["loss"]):
                     raise FloatingPointError(f"loss is {vals['loss']} at step {step}; stopping (last good "
                                              f"checkpoint: {ckpt.latest_step()})")
+            if evaluator is not None and (step % eval_every == 0 or step == end) and not stopping:
+                t_eval = time.perf_counter()
+                evals = evaluator(state, frozen)
+                writer.write(step, evals)
+                last.update(evals)
+                log.info("step %d eval (%.1f s): %s", step, time.perf_counter() - t_eval,
+                         ", ".join(f"{k} {v:.4g}" for k, v in evals.items()))
+                t_last = time.perf_counter()  # keep eval time out of the throughput numbers
             if step % ckpt_every == 0 or step == end or stopping:
                 ckpt.save(step, state, it.state(), config_json)
             if stopping:
