@@ -106,6 +106,28 @@ def test_batch_shardings_leading_dim():
     assert out["odd"].spec == P(None, None)  # 6 rows do not divide data x fsdp = 4
 
 
+def test_activation_sharding_activates_logical_constraints():
+    """Inside the context a model-side `nn.with_logical_constraint(x, ("batch", None))` pins the batch dim
+    (here onto (data, fsdp)); outside it, the constraint is a no-op."""
+    import flax.linen as nn
+
+    mesh = _mesh222()
+    x = jax.ShapeDtypeStruct((8, 6), jnp.float32)
+
+    def f():  # a fresh function per trace: jax caches traces per function, and flax rules are not in the key
+        return lambda a: nn.with_logical_constraint(a * 2.0, ("batch", None))
+
+    assert sh.rules_list((("batch", "data"),))[0] == ("batch", "data")
+    with sh.activation_sharding(mesh):
+        inside = jax.jit(f()).lower(x).compile()
+    assert inside.output_shardings.is_equivalent_to(NamedSharding(mesh, P(("data", "fsdp"), None)), 2)
+    with sh.activation_sharding(mesh, rules=(("batch", "tensor"),)):
+        override = jax.jit(f()).lower(x).compile()
+    assert override.output_shardings.is_equivalent_to(NamedSharding(mesh, P("tensor", None)), 2)
+    outside = jax.jit(f()).lower(x).compile()
+    assert outside.output_shardings.is_fully_replicated and len(outside.output_shardings.device_set) == 1
+
+
 # ------------------------------------------------------------------------- train-state shardings
 def _tiny_abstract(mode="lora"):
     mc = get_preset("tiny").with_lora(4, 8.0, 0.0)

@@ -12,6 +12,7 @@ concrete arrays, so the same code works for the devices of a TPU topology descri
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -176,6 +177,24 @@ def spec_for(logical: Sequence[str | None] | None, shape: Sequence[int], mesh: M
     return P(*out)
 
 
+def rules_list(rules: Sequence[Sequence[Any]] | None = None) -> list[tuple[str, Any]]:
+    """The resolved rules as flax `logical_axis_rules` pairs: (name, None | axis | tuple of axes)."""
+    return [(k, None if not v else v[0] if len(v) == 1 else v) for k, v in resolve_rules(rules).items()]
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh, rules: Sequence[Sequence[Any]] | None = None):
+    """Context for tracing a sharded computation: sets `mesh` as the abstract mesh and the logical
+    rules as flax's `logical_axis_rules`, so activation constraints written in the model as
+    `nn.with_logical_constraint(x, ("batch", None, None))` pin x [B,T,D] to the batch axes (they are
+    no-ops outside this context). Without such constraints GSPMD may propagate FSDP weight shardings
+    ('embed' -> fsdp) into the activations and replicate the batch dimension instead."""
+    import flax.linen as nn
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules_list(rules)):
+        yield
+
+
 def _keystr(path) -> str:
     return jax.tree_util.keystr(path, simple=True, separator="/")
 
@@ -282,6 +301,7 @@ def describe_shardings(tree: Any) -> dict[str, str]:
     return {_keystr(p): str(s.spec) for p, s in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-__all__ = ["MESH_AXES", "DEFAULT_RULES", "mesh_shape", "make_mesh", "resolve_rules", "spec_for",
+__all__ = ["MESH_AXES", "DEFAULT_RULES", "mesh_shape", "make_mesh", "resolve_rules", "rules_list",
+           "activation_sharding", "spec_for",
            "logical_shardings", "replicated", "batch_shardings", "params_logical_axes",
            "trainable_logical_axes", "opt_state_shardings", "describe_shardings"]

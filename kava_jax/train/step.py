@@ -142,18 +142,26 @@ def _abstract(tree: Any, shardings: Any) -> Any:
 def lower_train_step(step_fn, mesh: Mesh, state_abstract: TrainState, frozen_abstract: Any, batch_abstract: Any,
                      rules: Any = None, *, model_config: ModelConfig | None = None,
                      shardings: StepShardings | None = None) -> tuple[jax.stages.Lowered, StepShardings]:
-    """jax.jit(step_fn, in/out shardings, donate the state).lower(...) on abstract arguments.
+    """jax.jit(step_fn, in/out shardings, donate the state).lower(...) on abstract arguments, traced
+    inside `sharding.activation_sharding(mesh, rules)` (activates the model's logical constraints).
 
     The abstract trees may hold ShapeDtypeStructs or arrays (only shape and dtype are read).
     """
     if shardings is None:
         shardings = step_shardings(step_fn, mesh, state_abstract, frozen_abstract, batch_abstract, rules,
                                    model_config=model_config)
-    jitted = jax.jit(step_fn, in_shardings=(shardings.state, shardings.frozen, shardings.batch),
+    # A fresh wrapper per call: jax caches traces per function and flax's logical rules (activated in
+    # `activation_sharding`) are not part of that cache key.
+    def sharded_step(state, frozen, batch):
+        return step_fn(state, frozen, batch)
+
+    jitted = jax.jit(sharded_step, in_shardings=(shardings.state, shardings.frozen, shardings.batch),
                      out_shardings=(shardings.state, shardings.metrics), donate_argnums=(0,))
     args = (_abstract(state_abstract, shardings.state), _abstract(frozen_abstract, shardings.frozen),
             _abstract(batch_abstract, shardings.batch))
-    return jitted.lower(*args), shardings
+    with sh.activation_sharding(mesh, rules):
+        lowered = jitted.lower(*args)
+    return lowered, shardings
 
 
 def memory_stats(compiled: Any) -> dict[str, int]:
