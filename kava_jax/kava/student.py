@@ -104,7 +104,7 @@ def jacobi_latents(params, config: ModelConfig, prefix_ids, prefix_valid, prj, *
 
     carry0 = (e0, out0.kv.slice(p, p + m))
     if num_iterations == 0:
-        latent_kv, last_inputs = carry0[1], jnp.zeros_like(e0)
+        latent_kv, last_inputs = carry0[1], embed_tokens(params, config, ids0[:, p:])  # pass 0 ran <latent> tokens
     else:
         scan_rngs = None if dropout_rng is None else rngs[1:]
         (_, latent_kv), inputs = jax.lax.scan(_maybe_checkpoint(one_pass, remat_scan), carry0, scan_rngs,

@@ -41,7 +41,13 @@ def teacher_pass(params, config: ModelConfig, batch: dict, *, cot_len: int,
     """One forward over `teacher_ids` [B,S_t]; `cot_len` is the static C of the layout."""
     ids, valid = batch["teacher_ids"], batch["teacher_valid"].astype(bool)
     b, s = ids.shape
+    if "cot_valid" in batch and batch["cot_valid"].shape[1] != cot_len:
+        raise ValueError(f"teacher_pass: cot_len={cot_len} (kava.cot_len) does not match the batch's CoT block "
+                         f"C={batch['cot_valid'].shape[1]} (cot_valid {tuple(batch['cot_valid'].shape)})")
     q_len = s - cot_len - batch["answer_valid"].shape[1]
+    if q_len < 1:
+        raise ValueError(f"teacher_pass: teacher_ids [B,S_t]={tuple(ids.shape)} is too short for cot_len={cot_len} "
+                         f"+ answer block R={batch['answer_valid'].shape[1]} + a question block")
     r = s - q_len - cot_len
     answer_pos = jnp.broadcast_to(q_len + cot_len + jnp.arange(r, dtype=jnp.int32), (b, r))
     out = forward(params, config, ids, attention_mask=valid, query_positions=answer_pos, dropout_rng=dropout_rng)
