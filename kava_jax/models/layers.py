@@ -141,8 +141,9 @@ class Attention(nn.Module):
             x, deterministic)
         v = _projection(c, "v", (d,), (kh, h), ("embed",), ("kv_heads", "head_dim"), c.attention_bias)(
             x, deterministic)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        q = nn.with_logical_constraint(apply_rope(q, positions, inv_freq), ("batch", None, "heads", None))
+        k = nn.with_logical_constraint(apply_rope(k, positions, inv_freq), ("batch", None, "kv_heads", None))
+        v = nn.with_logical_constraint(v, ("batch", None, "kv_heads", None))
         k_all = jnp.concatenate([prefix_k.astype(k.dtype), k], axis=1)
         v_all = jnp.concatenate([prefix_v.astype(v.dtype), v], axis=1)
         probs = attention_weights(q, k_all, mask)  # [B,K,G,T,S]
@@ -162,5 +163,5 @@ class MLP(nn.Module):
         c = self.config
         gate = _projection(c, "gate", (c.hidden_size,), (c.mlp_dim,), ("embed",), ("mlp",))(x, deterministic)
         up = _projection(c, "up", (c.hidden_size,), (c.mlp_dim,), ("embed",), ("mlp",))(x, deterministic)
-        return _projection(c, "down", (c.mlp_dim,), (c.hidden_size,), ("mlp",), ("embed",))(
-            nn.silu(gate) * up, deterministic)
+        hidden = nn.with_logical_constraint(nn.silu(gate) * up, ("batch", None, "mlp"))
+        return _projection(c, "down", (c.mlp_dim,), (c.hidden_size,), ("mlp",), ("embed",))(hidden, deterministic)

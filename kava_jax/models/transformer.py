@@ -8,6 +8,7 @@ Param tree (every block param has a leading layer axis L):
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -19,6 +20,11 @@ from kava_jax.models.config import ModelConfig, rope_inv_freq
 from kava_jax.models.layers import MLP, Attention, Projection, RMSNorm
 
 Params = dict[str, Any]
+
+# Activations [B,T,D] stay batch-sharded (constraints are no-ops unless logical axis rules are active,
+# as in train.sharding.activation_sharding); without them GSPMD may spread FSDP weight shardings into
+# the activations and replicate the batch instead.
+ACT = ("batch", None, None)
 
 _REMAT_POLICIES = {
     "full": None,
@@ -52,9 +58,10 @@ class Block(nn.Module):
         h = RMSNorm(c.rms_norm_eps, c.weights_dtype, name="attn_norm")(x)
         attn_out, k, v, q, probs = Attention(c, name="attn")(
             h, prefix_k, prefix_v, positions, mask, inv_freq, self.deterministic)
-        x = x + attn_out
+        x = nn.with_logical_constraint(x + attn_out, ACT)
         x = x + MLP(c, name="mlp")(RMSNorm(c.rms_norm_eps, c.weights_dtype, name="mlp_norm")(x),
                                    self.deterministic)
+        x = nn.with_logical_constraint(x, ACT)
         q_sel = jnp.take_along_axis(q, query_positions[:, :, None, None], axis=1)  # [B,A,N,H]
         b, kh, g, t, s = probs.shape
         probs = probs.reshape(b, kh * g, t, s) if self.return_attention else None
@@ -75,6 +82,7 @@ class Decoder(nn.Module):
                          embedding_init=nn.with_logical_partitioning(nn.initializers.normal(0.02),
                                                                      ("vocab", "embed")), name="embed")
         x = embed(input_ids) if inputs_embeds is None else inputs_embeds.astype(c.compute_dtype)
+        x = nn.with_logical_constraint(x, ACT)
         block = Block
         if c.remat != "none":
             block = nn.remat(Block, prevent_cse=False, policy=_REMAT_POLICIES[c.remat])
@@ -96,7 +104,8 @@ class Decoder(nn.Module):
         else:
             logits = Projection((c.hidden_size,), (c.vocab_size,), ("embed",), ("vocab",), dtype=c.compute_dtype,
                                 param_dtype=c.weights_dtype, name="lm_head")(final)
-        return logits.astype(jnp.float32), hidden, KVCache(k, v), queries, probs
+        logits = nn.with_logical_constraint(logits.astype(jnp.float32), ("batch", None, "vocab"))
+        return logits, hidden, KVCache(k, v), queries, probs
 
 
 def _default_positions(mask_all: jax.Array | None, batch: int, prefix_len: int, new_len: int) -> jax.Array:
@@ -177,7 +186,13 @@ def _abstract_boxed(config: ModelConfig):
 
 
 def init_params(config: ModelConfig, rng: jax.Array) -> Params:
-    """Random params (normal(0.02) kernels, unit norms, LoRA A uniform / B zeros)."""
+    """Random params (normal(0.02) kernels, unit norms, LoRA A uniform / B zeros). Jitted: an op-by-op
+    Linen init of the scanned stack is an order of magnitude slower."""
+    return _jit_init(config, rng)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _jit_init(config: ModelConfig, rng: jax.Array) -> Params:
     model, args = _abstract_boxed(config)
     variables = model.init(rng, *args)
     return nn.meta.unbox(variables["params"])
