@@ -210,12 +210,12 @@ def train(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str,
     t_setup = time.perf_counter()
     run = build_run(config, str(workdir))
     log.info("setup (tokenizer, model, data) took %.1f s", time.perf_counter() - t_setup)
+    if is_main:  # the data summary: what was loaded, dropped (per reason) and how long the blocks are
+        print(f"data: {run.record_stats.summary()}\nexamples: {run.examples.summary()}", file=sys.stderr, flush=True)
     config_json = _config_json(config)
     if is_main:
         wd.mkdir(parents=True, exist_ok=True)
         _write_config(wd, config_json)
-    if is_main:
-        log.info("data: %s\n%s", run.data_source, run.examples.summary())
 
     B = int(config.train.batch_size)
     mesh = make_mesh(config.mesh)
@@ -245,8 +245,11 @@ def train(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str,
         log.info("resumed from step %d (epoch %d, batch %d of %d)", start, it.epoch, it.position, it.steps_per_epoch)
     else:
         start = 0
+        # Place the (host-identical) trainable tree on the mesh first: arrays restored from an earlier
+        # run (init_from) arrive committed to one device.
+        trainable = jax.device_put(run.trainable, cs.shardings.state.trainable)
         state = jax.jit(lambda t: create_train_state(t, optimizer, run.state_rng),
-                        out_shardings=cs.shardings.state)(run.trainable)
+                        out_shardings=cs.shardings.state)(trainable)
     frozen = jax.device_put(run.frozen, cs.shardings.frozen)
     examples_summary = run.examples.summary()
     n_params = {"trainable": int(sum(np.prod(x.shape) for x in jax.tree.leaves(run.trainable))),

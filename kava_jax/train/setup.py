@@ -312,6 +312,9 @@ def build_model(config, bundle: TokenizerBundle, *, workdir: str | None = None) 
     lora = _lora_config(config)
     common = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
     prj: dict = {}
+    if (m.init_from or m.hf_path) and m.overrides and len(m.overrides):
+        log.warning("config.model.overrides %s ignored: they apply to presets only, not to model.%s",
+                    dict(m.overrides), "init_from" if m.init_from else "hf_path")
     if m.init_from:
         prev = load_trained(m.init_from)
         _check_same_tokens(prev.bundle, bundle, m.init_from)
@@ -329,8 +332,8 @@ def build_model(config, bundle: TokenizerBundle, *, workdir: str | None = None) 
         overrides = dict(m.overrides.to_dict() if hasattr(m.overrides, "to_dict") else (m.overrides or {}))
         vocab = max(int(overrides.pop("vocab_size", 0) or 0), bundle.vocab_size)
         sp = bundle.specials
-        mc = get_preset(m.preset, **{**overrides, **common}, vocab_size=vocab, lora=LoraConfig(0),
-                        bos_token_id=sp.start, eos_token_id=sp.eos)
+        kw = {"bos_token_id": sp.start, "eos_token_id": sp.eos, **overrides, **common}
+        mc = get_preset(m.preset, **kw, vocab_size=vocab, lora=LoraConfig(0))
         params = _init_fn(mc, "all")(rng_stream(config, "init"))
         log.info("model: random init of preset %r (%s params)", m.preset, f"{mc.num_params():,}")
     params, mc = _grow_vocab(params, mc, bundle.vocab_size, rng_stream(config, "resize"))
@@ -343,7 +346,8 @@ def build_model(config, bundle: TokenizerBundle, *, workdir: str | None = None) 
 # ------------------------------------------------------------------------------------ run
 def build_run(config, workdir: str, *, load_data: bool = True, num_devices: int | None = None) -> Run:
     """Validates `config` and builds tokenizer, model, trainable/frozen trees, objective, layout and
-    (load_data=True) the tokenised training set. Prints nothing; logs a data summary."""
+    (load_data=True) the tokenised training set. Prints nothing (Run.record_stats / Run.examples.summary()
+    describe the data)."""
     validate_config(config, num_devices)
     workdir = str(workdir)
     if _is_local(workdir):
@@ -362,10 +366,9 @@ def build_run(config, workdir: str, *, load_data: bool = True, num_devices: int 
     examples = stats = source = None
     if load_data:
         records, stats, source = load_records_for(config, workdir)
-        log.info("data: %s", stats.summary())
         examples = tokenize_examples(records, bundle.tokenizer, layout, strict=bool(config.data.strict),
                                      source=source)
-        log.info("examples:\n%s", examples.summary())
+        log.debug("data: %s\nexamples:\n%s", stats.summary(), examples.summary())
     return Run(config=config, workdir=workdir, tokenizer=bundle.tokenizer, specials=sp, vocab_size=bundle.vocab_size,
                model_config=mc, params=params, trainable=trainable, frozen=frozen, objective=obj, layout=layout,
                examples=examples, record_stats=stats, data_source=source, state_rng=rng_stream(config, "state"))
