@@ -312,9 +312,6 @@ def build_model(config, bundle: TokenizerBundle, *, workdir: str | None = None) 
     lora = _lora_config(config)
     common = dict(dtype=m.dtype, param_dtype=m.param_dtype, remat=m.remat)
     prj: dict = {}
-    if (m.init_from or m.hf_path) and m.overrides and len(m.overrides):
-        log.warning("config.model.overrides %s ignored: they apply to presets only, not to model.%s",
-                    dict(m.overrides), "init_from" if m.init_from else "hf_path")
     if m.init_from:
         prev = load_trained(m.init_from)
         _check_same_tokens(prev.bundle, bundle, m.init_from)
@@ -336,6 +333,12 @@ def build_model(config, bundle: TokenizerBundle, *, workdir: str | None = None) 
         mc = get_preset(m.preset, **kw, vocab_size=vocab, lora=LoraConfig(0))
         params = _init_fn(mc, "all")(rng_stream(config, "init"))
         log.info("model: random init of preset %r (%s params)", m.preset, f"{mc.num_params():,}")
+    if m.init_from or m.hf_path:
+        ignored = {k: v for k, v in dict(m.overrides or {}).items() if k != "vocab_size" and getattr(mc, k) != v}
+        if ignored:
+            log.warning("config.model.overrides %s ignored: they apply to presets only; the model from model.%s "
+                        "has %s", ignored, "init_from" if m.init_from else "hf_path",
+                        {k: getattr(mc, k) for k in ignored})
     params, mc = _grow_vocab(params, mc, bundle.vocab_size, rng_stream(config, "resize"))
     mc = mc.replace(lora=lora)
     if lora.rank:
