@@ -90,7 +90,7 @@ def get_config(arg=None):
     t.log_every = 10
     t.checkpoint_every = 500
     t.keep_checkpoints = 3
-    t.eval_every = None      # steps between quick evals (None: only at the end)
+    t.eval_every = None      # steps between in-loop greedy evals (None: none; run kava-eval on the workdir)
 
     # ---------------------------------------------------------------- mesh / sharding
     c.mesh = ms = ml_collections.ConfigDict()

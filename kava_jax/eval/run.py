@@ -75,8 +75,8 @@ def evaluate_workdir(workdir: str, datasets: list[str], *, step: int | None = No
                        batch_size=int(batch_size or cfg.eval.batch_size),
                        max_answer_tokens=int(max_answer_tokens or cfg.eval.max_answer_tokens),
                        max_cot_tokens=int(max_cot_tokens or cfg.eval.max_cot_tokens), progress=progress)
-        row = {"workdir": str(workdir), "step": trained.step, "objective": obj.objective,
-               "method": _label(obj.objective, chosen), "dataset": name, **res.summary()}
+        row = {**res.summary(), "workdir": str(workdir), "step": trained.step, "objective": obj.objective,
+               "decoding": chosen, "method": _label(obj.objective, chosen), "dataset": name}
         row["examples"] = [dict(question=p.question, gold=p.gold, text=p.text, pred=p.pred, correct=p.correct)
                            for p in res.predictions[:5]]
         rows.append(row)
