@@ -30,6 +30,36 @@ def shapes(size: int) -> dict[str, tuple[int, int, int]]:
     }
 
 
+def _measure_shape(m: int, k: int, n: int, inner: int, repeats: int, torch) -> dict:
+    """Interleaved timings of `inner` chained (m,k)@(k,n) matmuls in JAX (and torch when given)."""
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+
+    @jax.jit
+    def jmm(x, y):
+        # x shifted by i each round so XLA cannot hoist the loop-invariant matmul out of the loop.
+        def body(i, acc):
+            return acc + (x + i.astype(jnp.float32)) @ y
+
+        return jax.lax.fori_loop(0, inner, body, jnp.zeros((m, n), jnp.float32))
+
+    jmm(ja, jb).block_until_ready()
+    contenders = {"jax": lambda: time_call(lambda: jmm(ja, jb), lambda r: r.block_until_ready())}
+    if torch is not None:
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+
+        def tmm():
+            acc = torch.zeros((m, n))
+            for _ in range(inner):
+                acc += ta @ tb
+            return acc
+
+        tmm()
+        contenders["torch"] = lambda: time_call(tmm)
+    return interleave(contenders, repeats)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=7)
@@ -45,36 +75,11 @@ def main(argv=None) -> dict:
 
     rows = []
     for name, (m, k, n) in shapes(args.size).items():
-        rng = np.random.default_rng(0)
-        a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
-        ja, jb = jnp.asarray(a), jnp.asarray(b)
-
-        @jax.jit
-        def jmm(x, y):
-            # x shifted by i each round so XLA cannot hoist the loop-invariant matmul out of the loop.
-            def body(i, acc):
-                return acc + (x + i.astype(jnp.float32)) @ y
-
-            return jax.lax.fori_loop(0, args.inner, body, jnp.zeros((m, n), jnp.float32))
-
-        jmm(ja, jb).block_until_ready()
-        contenders = {"jax": lambda: time_call(lambda: jmm(ja, jb), lambda r: r.block_until_ready())}
-        if torch is not None:
-            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-
-            def tmm():
-                acc = torch.zeros((m, n))
-                for _ in range(args.inner):
-                    acc += ta @ tb
-                return acc
-
-            tmm()
-            contenders["torch"] = lambda: time_call(tmm)
-        stats = interleave(contenders, args.repeats)
+        stats = _measure_shape(m, k, n, args.inner, args.repeats, torch)
         flops = 2.0 * m * k * n * args.inner
-        for lib, s in stats.items():
-            rows.append({"shape": name, "lib": lib, "median_s": s["median"], "GFLOP/s (median)": flops / s["median"] / 1e9,
-                         "GFLOP/s (best)": flops / s["min"] / 1e9})
+        for lib, st in stats.items():
+            rows.append({"shape": name, "lib": lib, "median_s": st["median"],
+                         "GFLOP/s (median)": flops / st["median"] / 1e9, "GFLOP/s (best)": flops / st["min"] / 1e9})
     print_table(rows, ["shape", "lib", "median_s", "GFLOP/s (median)", "GFLOP/s (best)"], "float32 matmul ceiling")
     best = max(r["GFLOP/s (best)"] for r in rows)
     print(f"ceiling (best of all): {best:.1f} GFLOP/s")
