@@ -33,9 +33,11 @@ METHOD_ORDER = ("cot", "nocot", "codi", "pccot", "kava")
 LABELS = {"cot": "CoT (teacher)", "nocot": "No-CoT", "codi": "CODI", "pccot": "PCCoT", "kava": "KaVa"}
 
 # Training budgets (steps of batch 32) per trace; --quick uses configs/synthetic.py's own "quick" sizes.
+# Sized from DEMO_NOTES.md: CoT learning on this task is a sharp transition at ~18-30 k examples
+# (equations) and NL traces need ~2-3x that; a latent step costs ~3x a CoT step.
 BUDGETS = {
-    "equation": {"cot": 1500, "student": 600},
-    "nl": {"cot": 2400, "student": 600},
+    "equation": {"cot": 1500, "student": 500},
+    "nl": {"cot": 2000, "student": 500},
 }
 EVAL_LIMIT = 300
 
