@@ -54,15 +54,12 @@ def main() -> None:
     jax.config.update("jax_default_matmul_precision", "highest")  # as tests/conftest.py
     config = build_config(a.steps, a.objective)
     config.distributed = a.distributed
-    if a.distributed:
-        from kava_jax.train.distributed import initialize_distributed
-
-        initialize_distributed(config)
-
+    # train() itself initialises jax.distributed (config.distributed): this worker tests that path.
     import logging
 
-    logging.basicConfig(level=logging.INFO if jax.process_index() == 0 else logging.WARNING,
-                        format=f"[p{jax.process_index()}] %(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("KAVA_PROCESS_ID", "0"))  # not jax.process_index(): that would start the backend
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format=f"[p{rank}] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("absl").setLevel(logging.WARNING)
 
     from kava_jax.train.loop import train

@@ -4,7 +4,7 @@
     python -m kava_jax.train.loop --config ... --workdir ...
 
 `train(config, workdir)` (also the library entry point used by the demo and notebooks):
-1. `jax.distributed.initialize()` when config.distributed; validate the config; build the run
+1. `train.distributed.initialize_distributed(config)` when config.distributed; validate the config; build the run
    (train/setup.py: tokenizer, model, trainable / frozen trees, data); write <workdir>/config.json.
 2. Mesh from config.mesh, optimizer, train step; lower + compile it once ahead of time on abstract
    arguments (compile time and per-device memory analysis logged and written to run_info.json).
@@ -203,8 +203,10 @@ def train(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str,
     from kava_jax.train.state import abstract_train_state, create_train_state
     from kava_jax.train.step import compile_train_step, make_train_step
 
-    if config.distributed and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if config.distributed:
+        from kava_jax.train.distributed import initialize_distributed
+
+        initialize_distributed(config)
     is_main = jax.process_index() == 0
     wd = epath.Path(workdir)
     t_setup = time.perf_counter()
@@ -350,8 +352,10 @@ def main(argv) -> None:
         raise SystemExit(f"kava-train: unexpected arguments {argv[1:]}")
     flags = _define_flags()
     config = flags.config
-    if config.distributed and not jax.distributed.is_initialized():
-        jax.distributed.initialize()
+    if config.distributed:
+        from kava_jax.train.distributed import initialize_distributed
+
+        initialize_distributed(config)
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every checkpoint step at INFO via absl
     if jax.process_index() != 0:
         logging.getLogger().setLevel(logging.WARNING)
