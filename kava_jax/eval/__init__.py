@@ -1,0 +1,1 @@
+"""Evaluation: greedy latent / CoT / No-CoT decoding with pass counting, answer metrics, the kava-eval CLI."""

@@ -1,0 +1,1 @@
+"""Training: mesh and sharding rules, optimizer, train state and step, checkpoints, set-up, CLI, TPU plans."""
