@@ -240,7 +240,9 @@ def load_trainable(directory: str | epath.PathLike, step: int | None = None,
     """
     directory = epath.Path(directory)
     manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True, create=False),
-                                    item_handlers={"state": ocp.PyTreeCheckpointHandler()})
+                                    item_handlers={"state": ocp.PyTreeCheckpointHandler(),
+                                                   "data": ocp.JsonCheckpointHandler(),
+                                                   "config": ocp.JsonCheckpointHandler()})
     steps = sorted(manager.all_steps())
     if not steps:
         raise FileNotFoundError(f"no checkpoint in {directory}")
