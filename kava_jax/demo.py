@@ -93,6 +93,9 @@ def run_trace(workdir: Path, trace: str, methods: tuple[str, ...], quick: bool, 
                     f"{cfg.train.mode}) in {wd}")
         final = train(cfg, str(wd))
         t_train = time.time() - t0
+        if final.get("preempted"):
+            _say(trace, f"{LABELS[method]}: interrupted (SIGTERM) after saving a checkpoint; rerun to resume")
+            raise SystemExit(143)
         _say(trace, f"{LABELS[method]}: trained in {t_train:.0f} s, final loss {final.get('loss', float('nan')):.4f}")
         t0 = time.time()
         limit = None if quick else eval_limit
