@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from kava_jax.kava.compress import importance
 from kava_jax.kava.losses import masked_cross_entropy
 from kava_jax.kv import KVCache
 from kava_jax.models import ModelConfig, forward
@@ -20,7 +21,8 @@ from kava_jax.models import ModelConfig, forward
 class TeacherOutput(NamedTuple):
     """ce scalar; distill_hidden [L,B,D] (block outputs 1..L at the distillation token);
     cot_kv [L,B,C,K,H] post-RoPE; cot_valid [B,C]; cot_positions [B,C];
-    answer_queries [L,B,R,N,H] post-RoPE; answer_valid [B,R]. All but `ce` are stop-gradient."""
+    answer_queries [L,B,R,N,H] post-RoPE; answer_valid [B,R]; importance [L,B,K,C] (METHOD §3: attention
+    of the answer-side queries to the CoT keys). All but `ce` are stop-gradient."""
 
     ce: jax.Array
     distill_hidden: jax.Array
@@ -29,6 +31,7 @@ class TeacherOutput(NamedTuple):
     cot_positions: jax.Array
     answer_queries: jax.Array
     answer_valid: jax.Array
+    importance: jax.Array
 
 
 def take_positions(hidden: jax.Array, idx: jax.Array) -> jax.Array:
@@ -55,12 +58,15 @@ def teacher_pass(params, config: ModelConfig, batch: dict, *, cot_len: int,
     sg = jax.lax.stop_gradient
     positions = jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
     cot = slice(q_len, q_len + cot_len)
+    cot_k, queries = sg(out.kv.k[:, :, cot]), sg(out.queries)
+    cot_valid, answer_valid = valid[:, cot], valid[:, q_len + cot_len:]
     return TeacherOutput(
         ce=ce,
         distill_hidden=sg(take_positions(out.hidden_states[1:], batch["teacher_distill_idx"])),
-        cot_kv=KVCache(sg(out.kv.k[:, :, cot]), sg(out.kv.v[:, :, cot])),
-        cot_valid=valid[:, cot],
+        cot_kv=KVCache(cot_k, sg(out.kv.v[:, :, cot])),
+        cot_valid=cot_valid,
         cot_positions=positions[:, cot],
-        answer_queries=sg(out.queries),
-        answer_valid=valid[:, q_len + cot_len:],
+        answer_queries=queries,
+        answer_valid=answer_valid,
+        importance=importance(queries, cot_k, answer_valid, cot_valid),
     )
