@@ -44,9 +44,10 @@ Recompute (`executed` = `model` + `recompute`; for the roofline): model.remat "f
 block's forward (projections, LoRA, attention) in the backward of each pass, except the `down`
 projection and its LoRA B matmul, whose outputs only feed the residual sum (autodiff prunes them from
 the recomputation); "dots" saves every matmul output (no matmul recompute); "dots_no_batch" saves the
-projections but not the batched attention matmuls (their forward is recomputed). These rules match
-the compiled CPU program exactly (tests/test_plan.py). kava.remat_latent_scan additionally re-runs
-each latent pass (Jacobi pass or sequential step, with its prj) once: an estimate, not checked.
+projections but not the batched attention matmuls (their forward is recomputed);
+kava.remat_latent_scan additionally re-runs each latent pass (Jacobi pass or sequential step, with its
+prj) once. These rules match the compiled CPU program exactly (tests/test_plan.py; also checked for
+codi, sequential kava and remat_latent_scan with remat none / full).
 
 Tokens per step: B·(Q+C+R), the teacher sequence (the padded form of what `kava-train` logs as
 tokens/s, which counts valid teacher tokens).
