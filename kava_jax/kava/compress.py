@@ -222,11 +222,24 @@ def redundancy(keys: jax.Array, key_valid: jax.Array, *, chunk_size: int | None 
 # ----------------------------------------------------------------------------- selection
 
 
+_NAN_KEY = jnp.iinfo(jnp.int32).min + 1  # below every number, above padding
+_INVALID_KEY = jnp.iinfo(jnp.int32).min
+
+
+def _rank_key(scores: jax.Array) -> jax.Array:
+    """int32 keys ordered like the float32 scores (-0.0 == 0.0); NaN maps to `_NAN_KEY`."""
+    x = scores.astype(jnp.float32) + 0.0  # + 0.0 maps -0.0 to 0.0
+    bits = lax.bitcast_convert_type(x, jnp.int32)
+    key = jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    return jnp.where(jnp.isnan(x), jnp.int32(_NAN_KEY), key)
+
+
 def select(scores: jax.Array, key_valid: jax.Array, m: int) -> tuple[jax.Array, jax.Array]:
     """Top-``m`` valid positions per (layer, batch, KV head), returned sorted by position.
 
-    Ties in score are broken toward the lower position (stable sort on (invalid, -score)); NaN scores
-    rank below every number. Invalid positions are never chosen.
+    Ties in score are broken toward the lower position; NaN scores rank below every number. Invalid
+    positions are never chosen. One `lax.top_k` over order-preserving int32 keys, then a sort of the
+    M kept indices.
 
     Args:
       scores: [L, B, K, S] float.
@@ -249,15 +262,14 @@ def select(scores: jax.Array, key_valid: jax.Array, m: int) -> tuple[jax.Array, 
         )
     s_pad = max(s, m)
     valid = jnp.broadcast_to(key_valid[None, :, None, :], (l, b, k, s))
-    neg = -scores.astype(jnp.float32) + 0.0  # + 0.0 maps -0.0 to 0.0
+    key = _rank_key(scores)
     if s_pad > s:
         pad = ((0, 0), (0, 0), (0, 0), (0, s_pad - s))
         valid = jnp.pad(valid, pad, constant_values=False)
-        neg = jnp.pad(neg, pad)
-    invalid_key = (~valid).astype(jnp.int32)
-    pos = jnp.broadcast_to(jnp.arange(s_pad, dtype=jnp.int32), (l, b, k, s_pad))
-    _, _, ranked = lax.sort((invalid_key, neg, pos), dimension=-1, is_stable=True, num_keys=2)
-    top = ranked[..., :m]  # best first; invalid positions (if any) come last
+        key = jnp.pad(key, pad)
+    key = jnp.where(valid, key, _INVALID_KEY)
+    # lax.top_k returns equal keys lower index first (the documented tie-break), without a full sort.
+    _, top = lax.top_k(key, m)  # best first; invalid positions (if any) come last
     n_valid = jnp.sum(valid, axis=-1, keepdims=True)  # [L, B, K, 1]
     rank = jnp.arange(m, dtype=jnp.int32)
     top = jnp.where(rank < n_valid, top, s_pad)  # empty slots sort last
