@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from kava_jax.demo import METHOD_ORDER, TRACES
+from kava_jax.demo import METHOD_ORDER, STUDENTS, TRACES, schedule_order
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +36,24 @@ def test_demo_quick_writes_tables_plot_and_every_result(demo_dir):
     tables = (wd / "demo_tables.md").read_text()
     assert "Table 1" in tables and "Table 2" in tables and "KaVa" in tables
     assert "Table 1" in stdout and str(png) in stdout
+
+
+def test_demo_rerun_reuses_every_finished_run(demo_dir):
+    wd, _ = demo_dir
+    before = json.loads((wd / "demo_results.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "kava_jax.demo", "--quick", "--workdir", str(wd)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("finished earlier, reusing") == len(TRACES) * len(METHOD_ORDER)
+    after = json.loads((wd / "demo_results.json").read_text())
+    assert after["results"] == before["results"]
+
+
+def test_schedule_starts_backbones_first_then_longest_students():
+    order = schedule_order(TRACES, STUDENTS)
+    assert order[:2] == [("nl", "cot"), ("equation", "cot")]
+    assert sorted(order[2:]) == sorted((t, m) for t in TRACES for m in STUDENTS)
+    assert order[2] == ("nl", "kava") and order[-1] == ("equation", "nocot")
 
 
 def test_kava_eval_cli_pools_workdirs_into_mean_and_std(demo_dir, tmp_path):
