@@ -37,10 +37,10 @@ LABELS = {"cot": "CoT (teacher)", "nocot": "No-CoT", "codi": "CODI", "pccot": "P
 # Training budgets (steps of batch 32) per trace; --quick uses configs/synthetic.py's own "quick" sizes.
 # CoT learning on this task is a sharp transition at ~18-30 k examples (equations; DEMO_NOTES.md) and
 # NL traces need more; a latent student step costs ~2x a CoT step. Sized so the default run takes
-# about 17 minutes on 2 idle cores (measured per-run times: README, "Results on this machine").
+# about 18 minutes on 2 idle cores (measured per-run times: README, "Results on this machine").
 BUDGETS = {
-    "equation": {"cot": 1300, "nocot": 300, "student": 350},
-    "nl": {"cot": 1700, "nocot": 300, "student": 350},
+    "equation": {"cot": 1500, "nocot": 200, "student": 350},
+    "nl": {"cot": 1700, "nocot": 200, "student": 350},
 }
 EVAL_LIMIT = 300
 
