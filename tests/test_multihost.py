@@ -32,7 +32,7 @@ WORKER = ROOT / "tests" / "multihost_worker.py"
 OBJECTIVE = os.environ.get("KAVA_MULTIHOST_OBJECTIVE", "kava")
 STEPS = 4
 DEADLINE_S = 420  # whole job; the connect timeout below makes a missing peer fail much sooner
-TIMING = {"examples_per_s", "tokens_per_s"}
+TIMING = {"examples_per_s", "tokens_per_s", "steps_per_s", "model_flops_per_s"}
 
 
 def _free_port() -> int:

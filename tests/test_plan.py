@@ -25,6 +25,7 @@ from kava_jax.models import ModelConfig, init_params
 from kava_jax.sweep import load_module
 from kava_jax.train import optim
 from kava_jax.train.flops import chip_peak, chip_spec, config_step_flops, mfu, train_step_flops
+from kava_jax.train.loop import throughput
 from kava_jax.train.plan import fit_candidates, plan_inputs, plan_step, topology_devices
 from kava_jax.train.state import abstract_train_state
 from kava_jax.train.step import make_train_step
@@ -240,6 +241,14 @@ def test_chip_table_and_mfu():
         mfu(1e15, 0.0, "TPU v4", 8)
 
 
+def test_trainer_throughput_and_mfu():
+    r = throughput(4, 128, 9000, 2.0, 1e15, "TPU v6 lite", 8)
+    assert r["steps_per_s"] == 2.0 and r["examples_per_s"] == 64.0 and r["tokens_per_s"] == 4500.0
+    assert r["model_flops_per_s"] == 2e15
+    assert r["mfu"] == pytest.approx(1e15 / (0.5 * 8 * 918e12)) == mfu(1e15, 0.5, "TPU v6 lite", 8)
+    assert "mfu" not in throughput(4, 128, 9000, 2.0, 1e15, "cpu", 8)
+
+
 def test_fit_candidates_order():
     c = _synthetic("kava,quick")  # batch 8, mesh data=-1, remat none
     cands = fit_candidates(c, 8)
@@ -270,3 +279,11 @@ def test_kava_plan_cli_prints_report_and_writes_json(tmp_path):
     assert "already in" in p.stdout
     table = [line for line in md.read_text().splitlines() if line.startswith("| configs/synthetic.py")]
     assert len(table) == 1 and "| v5e:2x4 |" in table[0]
+
+    # --markdown_only rewrites the table from the JSON and compiles nothing
+    md.unlink()
+    p = subprocess.run(cmd + ["--markdown", str(md), "--markdown_only"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "already in" not in p.stdout and "(1 rows, 0 not computed yet)" in p.stdout
+    assert [ln for ln in md.read_text().splitlines() if ln.startswith("| configs/synthetic.py")] == table

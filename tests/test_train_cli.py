@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(tempfile.gettempdir()) / "kava_jax_test_compilation_cache"
 COMMON = ["--config", str(ROOT / "configs" / "synthetic.py") + ":kava,quick",
           "--config.train.schedule=constant", "--config.train.warmup_frac=0.0", "--config.train.lr=0.01"]
-TIMING = ("examples_per_s", "tokens_per_s")
+TIMING = ("examples_per_s", "tokens_per_s", "steps_per_s", "model_flops_per_s")
 
 
 def _command() -> list[str]:
@@ -74,12 +74,14 @@ def test_cli_trains_and_checkpoints(straight):
     assert losses[-3:].mean() < losses[:3].mean() - 0.3, losses  # the loss falls
     assert {"ce_teacher", "ce_student", "codi", "kv", "grad_norm", "lr"} <= set(rows[-1])
     assert rows[-1]["examples_per_s"] > 0 and rows[-1]["tokens_per_s"] > 0
+    assert rows[-1]["model_flops_per_s"] > 0 and "mfu" not in rows[-1]  # no chip peak on CPU
     assert _steps(wd) == [16, 24]  # checkpoint_every 8, keep 2, and one at the end
     config = json.loads((wd / "config.json").read_text())
     assert config["kava"]["objective"] == "kava" and config["train"]["schedule"] == "constant"
     info = json.loads((wd / "run_info.json").read_text())
     assert info["mesh"] == {"data": 2, "fsdp": 1, "tensor": 1} and info["total_steps"] == 24
     assert info["compile_seconds"]["compile"] > 0 and info["memory_per_device"]["argument"] > 0
+    assert info["device_kind"] == "cpu" and info["flops_per_step"]["model"] > 0
     assert any(p.name.startswith("events.out.tfevents") for p in (wd / "tb").iterdir())
     assert (wd / "data" / "train.jsonl").exists() and (wd / "tokenizer" / "tokenizer.json").exists()
     assert "24/24" in res.stderr  # the progress bar

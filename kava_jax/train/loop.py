@@ -14,7 +14,9 @@
 4. Steps: each host builds its rows of the global batch, `to_global` assembles the sharded arrays,
    the compiled step runs. Every train.log_every steps (and at the last step) the step's metrics go
    to <workdir>/metrics.jsonl and TensorBoard (<workdir>/tb), and the progress bar shows loss,
-   examples/s, tokens/s (valid teacher tokens) and the ETA. A checkpoint is written every
+   examples/s, tokens/s (valid teacher tokens) and the ETA. Throughput rows also carry
+   model_flops_per_s (the analytic `train.flops` count of the step, `StepFlops.model`, over wall time)
+   and, on a TPU whose peak is in `train.flops.CHIPS`, "mfu" (shown in the bar too). A checkpoint is written every
    train.checkpoint_every steps and at the end. With train.eval_every set (single-process runs), the
    model is also decoded greedily on config.eval.datasets (config.eval.limit items each; "synthetic"
    = the run's own test split) every eval_every steps and at the end; accuracy and forward passes go
@@ -44,7 +46,7 @@ from etils import epath
 
 log = logging.getLogger(__name__)
 
-__all__ = ["train", "main", "run", "total_train_steps"]
+__all__ = ["train", "main", "run", "total_train_steps", "throughput"]
 
 METRICS_FILE = "metrics.jsonl"
 RUN_INFO_FILE = "run_info.json"
@@ -120,6 +122,25 @@ class _Writer:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def throughput(steps: int, examples: int, tokens: int, seconds: float, model_flops_per_step: float,
+               device_kind: str | None, n_devices: int) -> dict[str, float]:
+    """Rates over one logging interval of `steps` global steps in `seconds` of wall time.
+
+    examples / tokens: global counts in the interval; model_flops_per_step: `StepFlops.model` of the
+    global batch. Returns examples_per_s, tokens_per_s, steps_per_s, model_flops_per_s, plus "mfu"
+    (model FLOPs over the chips' bf16 peak) when `device_kind` is a TPU in `train.flops.CHIPS`."""
+    from kava_jax.train.flops import mfu
+
+    seconds = max(float(seconds), 1e-9)
+    out = {"examples_per_s": examples / seconds, "tokens_per_s": tokens / seconds, "steps_per_s": steps / seconds,
+           "model_flops_per_s": steps * float(model_flops_per_step) / seconds}
+    if steps > 0:
+        u = mfu(model_flops_per_step, seconds / steps, device_kind, n_devices)
+        if u is not None:
+            out["mfu"] = u
+    return out
 
 
 def _config_json(config) -> str:
@@ -254,6 +275,10 @@ def train(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str,
                         out_shardings=cs.shardings.state)(trainable)
     frozen = jax.device_put(run.frozen, cs.shardings.frozen)
     examples_summary = run.examples.summary()
+    from kava_jax.train.flops import config_step_flops
+
+    step_flops = config_step_flops(config, run.model_config, run.objective)
+    device_kind = jax.devices()[0].device_kind
     n_params = {"trainable": int(sum(np.prod(x.shape) for x in jax.tree.leaves(run.trainable))),
                 "frozen": int(sum(np.prod(x.shape) for x in jax.tree.leaves(run.frozen)))}
     del run.params, run.trainable, run.frozen
@@ -261,6 +286,8 @@ def train(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str,
         info = {"mesh": dict(mesh.shape), "devices": jax.device_count(), "processes": jax.process_count(),
                 "total_steps": total, "steps_per_epoch": it.steps_per_epoch, "batch_size": B,
                 "compile_seconds": cs.seconds, "memory_per_device": cs.memory, "params": n_params,
+                "device_kind": device_kind, "flops_per_step": {"model": step_flops.model,
+                                                               "executed": step_flops.executed},
                 "setup_seconds": time.perf_counter() - t_setup, "data": examples_summary}
         (wd / RUN_INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
         log.info("run: %d steps (%d per epoch), batch %d, mesh %s, params %s", total, it.steps_per_epoch, B,
@@ -301,13 +328,14 @@ def train(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str,
             if step % log_every == 0 or step == end or stopping:
                 vals = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 now = time.perf_counter()
-                dt = max(now - t_last, 1e-9)
-                rates = {"examples_per_s": (step - step_last) * B / dt, "tokens_per_s": tokens / dt}
+                rates = throughput(step - step_last, (step - step_last) * B, tokens, now - t_last, step_flops.model,
+                                   device_kind, jax.device_count())
                 t_last, step_last, tokens = now, step, 0
                 last = {**vals, **rates, "epoch": it.epoch}
                 writer.write(step, last)
+                shown = {"mfu": f"{rates['mfu']:.1%}"} if "mfu" in rates else {}
                 bar.set_postfix(loss=f"{vals['loss']:.4f}", ex_s=f"{rates['examples_per_s']:.0f}",
-                                tok_s=f"{rates['tokens_per_s']:.0f}", refresh=False)
+                                tok_s=f"{rates['tokens_per_s']:.0f}", **shown, refresh=False)
                 if not np.isfinite(vals["loss"]):
                     raise FloatingPointError(f"loss is {vals['loss']} at step {step}; stopping (last good "
                                              f"checkpoint: {ckpt.latest_step()})")

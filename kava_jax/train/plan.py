@@ -441,12 +441,16 @@ analysis. Raw numbers: `{json_path}`. Definitions (see `kava_jax/train/plan.py` 
 """
 
 
-def write_markdown(path: str | Path, reports: list[dict[str, Any]], command: str, json_path: str) -> None:
-    """Writes the PLAN.md document: preamble + `markdown_table(reports)`."""
+def write_markdown(path: str | Path, reports: list[dict[str, Any]], command: str, json_path: str,
+                   missing: list[str] | tuple[str, ...] = ()) -> None:
+    """Writes the PLAN.md document: preamble + `markdown_table(reports)` + the entries not computed yet."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(_MD_HEAD.format(command=command, json_path=json_path) + markdown_table(reports) + "\n",
-                 encoding="utf-8")
+    text = _MD_HEAD.format(command=command, json_path=json_path) + markdown_table(reports) + "\n"
+    if missing:
+        text += ("\nNot computed yet (rerun the command: finished entries are kept, the rest compile):\n\n"
+                 + "".join(f"* {key}\n" for key in missing))
+    p.write_text(text, encoding="utf-8")
 
 
 # ------------------------------------------------------------------------------------ JSON store
@@ -499,6 +503,7 @@ def _define_flags():
         flags.DEFINE_integer("max_tries", 8, "most settings --try-fit compiles per (config, topology)")
         flags.DEFINE_bool("all_paper", False, "plan the 6 paper configs (method kava)")
         flags.DEFINE_bool("force", False, "recompute entries already in --json")
+        flags.DEFINE_bool("markdown_only", False, "only (re)write --markdown from the entries in --json")
     return flags.FLAGS
 
 
@@ -530,9 +535,23 @@ def main(argv) -> None:
         jobs = [(_config_label(flags_), None, topo) for topo in topologies]
     store = _load_store(flags_.json)
     command = "kava-plan " + " ".join(sys.argv[1:])
+    keys = [f"{label} @ {topo}" for label, _, topo in jobs]
+
+    def markdown() -> None:
+        if flags_.markdown:
+            reports = list(store["entries"].values())
+            missing = [k for k in keys if k not in store["entries"]] if flags_.json else []
+            write_markdown(flags_.markdown, reports, store.get("command", command), flags_.json or "(no --json)",
+                           missing)
+            print(f"wrote {flags_.markdown} ({len(reports)} rows, {len(missing)} not computed yet)", flush=True)
+
+    if flags_.markdown_only:
+        if not (flags_.json and flags_.markdown):
+            raise SystemExit("kava-plan: --markdown_only needs --json and --markdown")
+        markdown()
+        return
     failures = 0
-    for label, paper_name, topo in jobs:
-        key = f"{label} @ {topo}"
+    for (label, paper_name, topo), key in zip(jobs, keys, strict=True):
         if key in store["entries"] and not flags_.force:
             print(f"== {key}: already in {flags_.json}, skipped (--force recomputes)", flush=True)
             continue
@@ -548,15 +567,13 @@ def main(argv) -> None:
             print(f"== {key}: FAILED after {time.perf_counter() - t0:.0f} s: {type(e).__name__}: {e}", flush=True)
             continue
         print(format_report(rep), flush=True)
+        store["entries"][key] = rep
+        store["command"] = command
         if flags_.json:
-            store["entries"][key] = rep
-            store["command"] = command
             _save_store(flags_.json, store)
             print(f"  wrote {flags_.json}", flush=True)
-    if flags_.markdown:
-        reports = list(store["entries"].values()) if flags_.json else []
-        write_markdown(flags_.markdown, reports, command, flags_.json or "(no --json)")
-        print(f"wrote {flags_.markdown} ({len(reports)} rows)", flush=True)
+            markdown()  # after every entry: an interrupted run leaves a current table
+    markdown()
     if failures:
         raise SystemExit(f"kava-plan: {failures} plan(s) failed")
 
