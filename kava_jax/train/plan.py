@@ -17,7 +17,7 @@ lowers and compiles the SAME jitted step `kava-train` runs (`train.step.make_tra
     traffic (every argument is read, every output and temp byte written at least once);
     tokens/s/chip (teacher tokens B·(Q+C+R) per step) and the MFU that step time implies
     (model FLOPs / (step time x chips x peak); at most model / executed FLOPs when compute-bound);
-  * lower and compile seconds on this host.
+  * lower and compile seconds (wall) on this host, and the CPU seconds of both (all threads).
 With --try-fit, a setting that does not fit is retried with the obvious levers, in order: a stronger
 remat policy (none -> dots -> dots_no_batch -> full) at the same gradient accumulation, then doubling
 train.grad_accum (halving the per-chip micro-batch, same global batch and update) with each of those
@@ -226,6 +226,7 @@ def plan_step(config, topology: str, *, label: str = "", devices=None,
     rules = tuple(tuple(r) for r in config.mesh.rules)
     accum = int(config.train.grad_accum)
     step_fn = make_train_step(inp.objective, inp.optimizer, accum)
+    cpu0 = time.process_time()
     cs = compile_train_step(step_fn, mesh, inp.state, inp.frozen, inp.batch, rules, model_config=inp.model_config,
                             compiler_options=compiler_options)
     mem = dict(cs.memory)
@@ -277,7 +278,7 @@ def plan_step(config, topology: str, *, label: str = "", devices=None,
                      "bound": "compute" if compute_s >= memory_s else "memory",
                      "tokens_per_s_per_chip": fl.tokens / step_s / n,
                      "mfu": fl.model / (step_s * n * chip.peak_bf16)},
-        "seconds": {k: float(v) for k, v in cs.seconds.items()},
+        "seconds": {**{k: float(v) for k, v in cs.seconds.items()}, "cpu": time.process_time() - cpu0},
         "jax": jax.__version__,
     }
 
@@ -378,7 +379,8 @@ def format_report(rep: dict[str, Any]) -> str:
         f"  roofline: compute {rf['compute_s'] * 1e3:.1f} ms, memory {rf['memory_s'] * 1e3:.2f} ms -> "
         f"step {rf['step_s'] * 1e3:.1f} ms ({rf['bound']}-bound), {rf['tokens_per_s_per_chip']:,.0f} tokens/s/chip, "
         f"MFU {100 * rf['mfu']:.1f} %",
-        f"  compile: lower {rep['seconds']['lower']:.1f} s, compile {rep['seconds']['compile']:.1f} s",
+        f"  compile: lower {rep['seconds']['lower']:.1f} s, compile {rep['seconds']['compile']:.1f} s"
+        + (f" ({rep['seconds']['cpu']:.0f} CPU-s)" if "cpu" in rep["seconds"] else ""),
     ]
     if "fit_search" in rep:
         for r in rep["fit_search"]:
@@ -411,8 +413,13 @@ def markdown_table(reports: list[dict[str, Any]]) -> str:
             f"| {mem['argument'] / 2**30:.2f} GiB | {mem['temp'] / 2**30:.2f} GiB "
             f"| {mem['peak'] / 2**30:.2f} / {r['hbm_bytes'] / 2**30:.0f} GiB | {fits} "
             f"| {r['flops']['model'] / 1e12:.1f} | {rf['step_s'] * 1e3:.0f} ms ({rf['bound']}) "
-            f"| {rf['tokens_per_s_per_chip']:,.0f} | {100 * rf['mfu']:.0f} % | {r['seconds']['compile']:.0f} s |")
+            f"| {rf['tokens_per_s_per_chip']:,.0f} | {100 * rf['mfu']:.0f} % | {_compile_cell(r['seconds'])} |")
     return "\n".join(rows)
+
+
+def _compile_cell(seconds: dict[str, float]) -> str:
+    wall = seconds.get("lower", 0.0) + seconds["compile"]
+    return f"{wall:.0f} s" + (f" ({seconds['cpu']:.0f} CPU-s)" if "cpu" in seconds else "")
 
 
 _MD_HEAD = """# KaVa train step on TPU slices (`kava-plan`)
@@ -436,7 +443,8 @@ analysis. Raw numbers: `{json_path}`. Definitions (see `kava_jax/train/plan.py` 
   bound on the step time; **MFU** = model FLOPs / (roofline step x chips x peak) is therefore an upper
   bound (the well-tuned JAX trainers of ENVIRONMENT.md reach 45-70 %).
 * **tokens/s/chip**: teacher tokens B·(Q+C+R) per step over the roofline step time.
-* **compile**: seconds to compile on this (shared, 2-core) CPU host.
+* **compile**: wall seconds to lower + compile on this (shared, 2-core) CPU host; in brackets the CPU
+  seconds (all threads) where recorded. Wall time includes any time the process was paused or shared.
 
 """
 
