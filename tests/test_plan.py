@@ -287,3 +287,12 @@ def test_kava_plan_cli_prints_report_and_writes_json(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     assert "already in" not in p.stdout and "(1 rows, 0 not computed yet)" in p.stdout
     assert [ln for ln in md.read_text().splitlines() if ln.startswith("| configs/synthetic.py")] == table
+
+    # an entry's free-text "note" (added by hand to the JSON) is listed under the table
+    store = json.loads(out.read_text())
+    store["entries"][key]["note"] = "compiled on a loaded machine"
+    out.write_text(json.dumps(store))
+    p = subprocess.run(cmd + ["--markdown", str(md), "--markdown_only"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert f"* {rep['label']} @ v5e:2x4: compiled on a loaded machine" in md.read_text()

@@ -455,6 +455,9 @@ def write_markdown(path: str | Path, reports: list[dict[str, Any]], command: str
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     text = _MD_HEAD.format(command=command, json_path=json_path) + markdown_table(reports) + "\n"
+    notes = [f"* {r['label']} @ {r['topology']}: {r['note']}\n" for r in reports if r.get("note")]
+    if notes:
+        text += "\nNotes (the `note` field of an entry in the JSON):\n\n" + "".join(notes)
     if missing:
         text += ("\nNot computed yet (rerun the command: finished entries are kept, the rest compile):\n\n"
                  + "".join(f"* {key}\n" for key in missing))
