@@ -6,9 +6,16 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+
+# Imported first by every script: CPU unless told otherwise, and the repository root importable.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _ROOT not in sys.path:
+    sys.path.insert(0, _ROOT)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

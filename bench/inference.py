@@ -30,16 +30,8 @@ Writes bench/results/inference.json.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (HERE, ROOT):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
+import common  # noqa: E402,F401  (first: sets JAX_PLATFORMS, puts the repository root on sys.path)
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -68,15 +60,15 @@ def make_runners(params, mc, prj, ids, valid, *, m: int, t: int, eos: int, cot_t
     b = ids.shape[0]
     prefix = jnp.concatenate([ids, jnp.full((b, 1), ts.SPECIALS[0], jnp.int32)], axis=1)
     pvalid = jnp.concatenate([valid, jnp.ones((b, 1), bool)], axis=1)
-    common = dict(eos_id=eos, pad_id=ts.PAD)
+    decode_kw = dict(eos_id=eos, pad_id=ts.PAD)
     return {
         "latent": lambda: latent_generate(params, mc, prj, prefix, pvalid, mode="jacobi", num_latents=m,
                                           num_iterations=t, latent_id=ts.SPECIALS[2], eot_id=ts.SPECIALS[1],
-                                          prompt_ids=ts.PROMPT, max_new_tokens=answer_tokens, **common),
+                                          prompt_ids=ts.PROMPT, max_new_tokens=answer_tokens, **decode_kw),
         "cot": lambda: cot_generate(params, mc, ids, valid, max_new_tokens=cot_tokens, prompt_ids=ts.PROMPT,
-                                    **common),
+                                    **decode_kw),
         "nocot": lambda: nocot_generate(params, mc, ids, valid, prompt_ids=ts.PROMPT, max_new_tokens=answer_tokens,
-                                        **common),
+                                        **decode_kw),
     }
 
 

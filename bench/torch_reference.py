@@ -33,17 +33,10 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import tempfile
 import time
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for _p in (HERE, ROOT):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
-
+import common  # noqa: E402,F401  (first: sets JAX_PLATFORMS, puts the repository root on sys.path)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

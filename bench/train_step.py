@@ -35,17 +35,10 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import time
 from typing import Any
 
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-for p in (HERE, ROOT):
-    if p not in sys.path:
-        sys.path.insert(0, p)
-
+import common  # noqa: E402,F401  (first: sets JAX_PLATFORMS, puts the repository root on sys.path)
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from common import RESULTS_DIR, interleave, print_table, time_call, write_json  # noqa: E402
