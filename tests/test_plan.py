@@ -267,6 +267,7 @@ def test_kava_plan_cli_prints_report_and_writes_json(tmp_path):
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "on v5e:2x4 (8 x v5e" in p.stdout and "FITS" in p.stdout and "roofline" in p.stdout
+    assert "== [1/1] configs/synthetic.py:cot,quick" in p.stdout and "lowering and compiling for TPU" in p.stdout
     entries = json.loads(out.read_text())["entries"]
     (key, rep), = entries.items()
     assert key.startswith("configs/synthetic.py:cot,quick") and key.endswith("@ v5e:2x4")
@@ -288,11 +289,25 @@ def test_kava_plan_cli_prints_report_and_writes_json(tmp_path):
     assert "already in" not in p.stdout and "(1 rows, 0 not computed yet)" in p.stdout
     assert [ln for ln in md.read_text().splitlines() if ln.startswith("| configs/synthetic.py")] == table
 
-    # an entry's free-text "note" (added by hand to the JSON) is listed under the table
-    store = json.loads(out.read_text())
-    store["entries"][key]["note"] = "compiled on a loaded machine"
-    out.write_text(json.dumps(store))
+    # what is written to the JSON while a --force run compiles (a hand-added note, another run's entry)
+    # survives that run's write: it re-reads the file before merging its own entry
+    proc = subprocess.Popen(cmd + ["--force"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        for line in proc.stdout:
+            if "lowering and compiling" in line:
+                break
+        store = json.loads(out.read_text())
+        store["entries"]["other @ v6e:2x4"] = {**rep, "topology": "v6e:2x4", "note": "compiled on a loaded machine"}
+        out.write_text(json.dumps(store))
+        proc.communicate(timeout=300)
+        assert proc.returncode == 0
+    finally:
+        proc.kill()
+    entries = json.loads(out.read_text())["entries"]
+    assert set(entries) == {key, "other @ v6e:2x4"} and entries[key]["seconds"] != rep["seconds"]
+
+    # an entry's free-text "note" is listed under the table
     p = subprocess.run(cmd + ["--markdown", str(md), "--markdown_only"], cwd=ROOT, capture_output=True, text=True,
                        timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    assert f"* {rep['label']} @ v5e:2x4: compiled on a loaded machine" in md.read_text()
+    assert f"* {rep['label']} @ v6e:2x4: compiled on a loaded machine" in md.read_text()

@@ -30,7 +30,8 @@ grown by the 3 KaVa tokens <bot> <eot> <latent> (appended at the end, as the tok
 
 --all-paper runs the 6 paper configs (METHOD §5, method kava) on v5e:2x4, v6e:2x4 and v5p:2x2x2 (or
 the given --topology list). With --json, entries already in the file are skipped (resumable; --force
-recomputes) and the file is rewritten after every entry; --markdown writes the table of every entry
+recomputes) and each new entry is merged into the file as read just then, so notes added by hand or
+entries from a second kava-plan on other rows are kept; --markdown writes the table of every entry
 in the JSON file.
 """
 
@@ -562,11 +563,14 @@ def main(argv) -> None:
         markdown()
         return
     failures = 0
-    for (label, paper_name, topo), key in zip(jobs, keys, strict=True):
+    for n, ((label, paper_name, topo), key) in enumerate(zip(jobs, keys, strict=True), 1):
+        store = _load_store(flags_.json) if flags_.json else store
         if key in store["entries"] and not flags_.force:
-            print(f"== {key}: already in {flags_.json}, skipped (--force recomputes)", flush=True)
+            print(f"== [{n}/{len(jobs)}] {key}: already in {flags_.json}, skipped (--force recomputes)", flush=True)
             continue
         config = _paper_config(paper_name) if paper_name else flags_.config
+        print(f"== [{n}/{len(jobs)}] {key}: lowering and compiling for TPU (minutes on a CPU host), "
+              f"started {time.strftime('%H:%M:%S')}", flush=True)
         t0 = time.perf_counter()
         try:
             rep = plan_with_fit(config, topo, label=label, try_fit=flags_.try_fit, max_tries=flags_.max_tries)
@@ -578,6 +582,8 @@ def main(argv) -> None:
             print(f"== {key}: FAILED after {time.perf_counter() - t0:.0f} s: {type(e).__name__}: {e}", flush=True)
             continue
         print(format_report(rep), flush=True)
+        if flags_.json:  # re-read first: keeps what others wrote meanwhile (notes, a parallel kava-plan)
+            store = _load_store(flags_.json)
         store["entries"][key] = rep
         store["command"] = command
         if flags_.json:
