@@ -446,6 +446,7 @@ analysis. Raw numbers: `{json_path}`. Definitions (see `kava_jax/train/plan.py` 
 * **tokens/s/chip**: teacher tokens B·(Q+C+R) per step over the roofline step time.
 * **compile**: wall seconds to lower + compile on this (shared, 2-core) CPU host; in brackets the CPU
   seconds (all threads) where recorded. Wall time includes any time the process was paused or shared.
+  Where the time goes (v5e / v6e compile much longer than v5p): `bench/tpu_compile_time.py`, bench/README.md.
 
 """
 
