@@ -218,6 +218,7 @@ def train(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str,
     (loss terms, grad_norm, lr, step, examples_per_s, ...) plus "preempted" and "compile_seconds"."""
     from kava_jax.data.pipeline import BatchIterator, abstract_batch, host_rows, to_global
     from kava_jax.train.checkpoint import Checkpointer
+    from kava_jax.train.flops import config_step_flops
     from kava_jax.train.optim import make_optimizer
     from kava_jax.train.setup import CHECKPOINT_DIR, build_run
     from kava_jax.train.sharding import make_mesh
@@ -275,8 +276,6 @@ def train(config, workdir: str, *, stop_at_step: int | None = None) -> dict[str,
                         out_shardings=cs.shardings.state)(trainable)
     frozen = jax.device_put(run.frozen, cs.shardings.frozen)
     examples_summary = run.examples.summary()
-    from kava_jax.train.flops import config_step_flops
-
     step_flops = config_step_flops(config, run.model_config, run.objective)
     device_kind = jax.devices()[0].device_kind
     n_params = {"trainable": int(sum(np.prod(x.shape) for x in jax.tree.leaves(run.trainable))),
